@@ -3,8 +3,8 @@
 Every architecture in this package has the shape of the PixelRNN paper's models (van den Oord
 et al., 2016): a 7x7 mask-A convolution, a stack of residual layers that differ per family,
 learnable skip connections from each layer to the output, and a head of ReLU + 1x1 mask-B
-convolutions that ends in a 256-way (or `num_levels`-way) softmax per sub-pixel. The families only supply their
-layer (`pixelcnn.py`, `pixelrnn.py`); the registry of named presets lives in `registry.py`.
+convolutions that ends in a 256-way (or `num_levels`-way) softmax per sub-pixel. The families
+only supply their layer (`pixelcnn.py`, `pixelrnn.py`); the named presets live in `registry.py`.
 """
 
 from __future__ import annotations
