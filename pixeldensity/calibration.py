@@ -153,9 +153,10 @@ class Calibration:
         format_version: `CALIBRATION_FORMAT_VERSION` of the serialised form.
 
     Raises:
-        ValueError: on construction, if a field is missing its constraints (types, finite and
+        ValueError: on construction, if a field breaks its constraints (types, finite and
             sorted values, equal lengths, at least `MIN_CALIBRATION_SCORES` scores, known score
-            and compressor names, supported version).
+            and compressor names, supported version). `scores` and `bits_per_dim` may be passed
+            as any sorted 1-D sequence or array; they are stored as tuples of floats.
     """
 
     score_name: str
@@ -369,7 +370,7 @@ def fit_calibration(
         )
 
     if created_at is None:
-        created_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        created_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return Calibration(
         score_name=score_name,
         scores=np.sort(scores),

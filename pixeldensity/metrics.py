@@ -138,7 +138,7 @@ def fpr_at_tpr(in_scores: Any, out_scores: Any, tpr: float = 0.95) -> float:
     positives = _as_scores(out_scores, "out_scores")
     tpr = _check_tpr(tpr)
 
-    # Rounding first stops 0.95 * 20 = 19.000000000000004 from asking for 20 positives.
+    # Rounding first stops 0.55 * 100 = 55.00000000000001 from asking for 56 positives.
     num_required = max(1, math.ceil(round(tpr * positives.size, 9)))
     threshold = np.sort(positives)[positives.size - num_required]
     return float(np.mean(negatives >= threshold))

@@ -119,8 +119,8 @@ def _encode_png(pixels_hwc: np.ndarray) -> bytes:
 
 
 def _encode_webp_lossless(pixels_hwc: np.ndarray) -> bytes:
-    # WebP stores RGB only: a grey image is written as R = G = B, which the codec's colour
-    # transforms make nearly free; bits/dim are still divided by the single channel.
+    # Pillow hands WebP RGB(A) only: a grey image is written as R = G = B, which the codec's
+    # colour transforms make nearly free; bits/dim are still divided by the single channel.
     pil_image = _to_pil(pixels_hwc)
     buffer = io.BytesIO()
     pil_image.save(buffer, format="WEBP", lossless=True, quality=100, method=6, exact=True)
@@ -174,8 +174,9 @@ def complexity_bits_per_dim(image: Any, *, compressor: str = DEFAULT_COMPRESSOR)
 
     Compressors (see `COMPRESSORS`):
         png: Pillow PNG, `optimize=True`, `compress_level=9`; mode "L" for C=1, "RGB" for C=3.
-        webp_lossless: Pillow WebP lossless, `method=6`, `quality=100`, `exact=True`; usually
-            5-25% smaller than PNG on natural images, but ~20-50 ms per 32x32 image.
+        webp_lossless: Pillow WebP lossless, `method=6`, `quality=100`, `exact=True`. The
+            stronger codec: on the demo samples 6% (Fashion-MNIST), 12% (MNIST) and 18%
+            (CIFAR-10) fewer bits than PNG, but 5-40 ms per image against 0.2 ms.
         zlib: zlib level 9 on the raw interleaved (H, W, C) bytes.
         lzma: raw LZMA2 stream, preset 9 extreme, 1 MiB dictionary, on the same raw bytes.
 
