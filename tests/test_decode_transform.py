@@ -18,8 +18,8 @@ from transforms.decode import DecodeImages, decode_sample
 from transforms.shards import ReadImageShards
 from transforms.types import Decoded, ErrorRow, Sample
 
-DATA = Path(__file__).parent / "data"
-SAMPLE_SHARD = DATA / "webdataset" / "sample.tgz"
+BADIMAGES = Path(__file__).parents[1] / "pipelines" / "demo_data" / "badimages"
+SAMPLE_SHARD = Path(__file__).parent / "data" / "webdataset" / "sample.tgz"
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -31,7 +31,7 @@ def _png(pixels: np.ndarray) -> bytes:
 GREY = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
 GOOD = Sample("s.tar", "good", {"png": _png(GREY), "cls": b"3"})
 BROKEN = Sample(
-    "s.tar", "broken", {"jpg": (DATA / "badimages" / "truncated_jpeg.jpg").read_bytes()}
+    "s.tar", "broken", {"jpg": (BADIMAGES / "truncated_jpeg.jpg").read_bytes()}
 )
 NO_IMAGE = Sample("s.tar", "labels", {"cls": b"1"})
 READ_ERROR = ErrorRow("s.tar", "lost", None, "truncated_shard", "shard broke at byte 512")

@@ -1,6 +1,6 @@
 """Tests for pixeldensity.decoding: every decode decision, on real broken and edge-case files.
 
-The figures come from tests/data/badimages/MANIFEST.md.
+The figures come from pipelines/demo_data/badimages/MANIFEST.md.
 """
 
 import concurrent.futures
@@ -25,7 +25,7 @@ from pixeldensity.decoding import (
     decode_image,
 )
 
-BADIMAGES = Path(__file__).parent / "data" / "badimages"
+BADIMAGES = Path(__file__).parents[1] / "pipelines" / "demo_data" / "badimages"
 
 # What each file must give: "ok" (an image) or the DecodeError reason.
 EXPECTED = {
