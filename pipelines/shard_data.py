@@ -416,9 +416,12 @@ def _match_remote(pattern: str) -> list[str]:
     except ImportError:
         raise ValueError(f"reading {pattern!r} needs fsspec: pip install fsspec") from None
     filesystem, path = fsspec.core.url_to_fs(pattern)
-    if not any(character in path for character in _GLOB_CHARACTERS):
-        return [pattern] if filesystem.exists(path) else []
-    return [filesystem.unstrip_protocol(match) for match in filesystem.glob(path)]
+    if any(character in path for character in _GLOB_CHARACTERS):
+        matches = filesystem.glob(path)
+    else:
+        matches = [path] if filesystem.exists(path) else []
+    # Both branches give URLs in the file system's own spelling, so patterns compare equal.
+    return [filesystem.unstrip_protocol(match) for match in matches]
 
 
 def _open_binary(shard: str):

@@ -89,7 +89,8 @@ class TrainConfig:
         shuffle_buffer: raw samples in each rank's shuffle buffer.
         eval_every: steps between validation evaluations and log lines.
         max_val_samples: validation images per interval (all ranks together); None for all.
-            The final evaluation always uses every validation image.
+            Each of W ranks reads the first max_val_samples / W images of its validation
+            shards, so the subset depends on W. The final evaluation uses every image.
         eval_batch_size: images per evaluation batch and rank.
         checkpoint_every: steps between checkpoints (one is always written at the end).
         device: "auto" (CUDA when visible), "cpu" or "cuda".

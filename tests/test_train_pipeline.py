@@ -66,6 +66,21 @@ def test_list_shards_expands_braces_and_globs(fashion_shards):
         shard_data.list_shards(str(folder / "nothing-*.tar"))
 
 
+def test_list_and_read_shards_through_an_fsspec_url(fashion_shards):
+    fsspec = pytest.importorskip("fsspec")
+    filesystem = fsspec.filesystem("memory")
+    for shard in fashion_shards[:2]:
+        filesystem.pipe(f"/pd-test/{Path(shard).name}", Path(shard).read_bytes())
+
+    shards = shard_data.list_shards("memory://pd-test/fashion-{000000..000001}.tar")
+    globbed = shard_data.list_shards("memory://pd-test/fashion-*.tar")
+    samples = [sample for shard in shards for sample in shard_data.iter_shard(shard)]
+
+    assert shards == globbed and len(shards) == 2 and shards[0].startswith("memory://")
+    assert [sample.key for sample in samples] == [f"{index:06d}" for index in range(32)]
+    filesystem.rm("/pd-test", recursive=True)
+
+
 def test_assign_shards_gives_ranks_disjoint_sets_covering_all():
     shards = [f"s{index}" for index in range(7)]
     assigned = [shard_data.assign_shards(shards, rank, 3) for rank in range(3)]
