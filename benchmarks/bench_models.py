@@ -40,17 +40,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     print(f"batch {args.batch_size}, {args.threads} threads, float32, torch {torch.__version__}")
-    print(f"{'model':24} {'params':>10} " + " ".join(f"{name:>14}" for name in SHAPES))
+    print(f"{'model':24} {'params (C=1)':>12} " + " ".join(f"{name:>14}" for name in SHAPES))
     for name in args.models:
         row = []
+        params = sum(p.numel() for p in pixeldensity.create_model(name).parameters())
         for channels, height, width in SHAPES.values():
             model = pixeldensity.create_model(name, in_channels=channels).eval()
             images = torch.randint(
                 0, model.config.num_levels, (args.batch_size, channels, height, width)
             ).to(torch.uint8)
             row.append(images_per_second(model, images, args.seconds))
-        params = sum(parameter.numel() for parameter in model.parameters())
-        print(f"{name:24} {params:>10,} " + " ".join(f"{rate:>10.1f} im/s" for rate in row))
+        print(f"{name:24} {params:>12,} " + " ".join(f"{rate:>10.1f} im/s" for rate in row))
 
 
 if __name__ == "__main__":
