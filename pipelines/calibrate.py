@@ -59,7 +59,8 @@ def run(argv: Sequence[str] | None = None) -> Calibration:
     score_name = args.score or (
         "likelihood_ratio_score" if args.background_model else "complexity_score"
     )
-    extra = ["--compressor", args.compressor, "--ood-score", score_name, *beam_args]
+    # --no-flags: an older calibration in the checkpoint must not be applied (or checked).
+    extra = ["--compressor", args.compressor, "--ood-score", score_name, "--no-flags", *beam_args]
     if args.background_model:
         extra += ["--background-model", args.background_model]
 

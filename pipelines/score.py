@@ -44,7 +44,7 @@ from pixeldensity.scores import COMPRESSORS, DEFAULT_COMPRESSOR, OOD_SCORE_NAMES
 from transforms.decode import DecodeImages
 from transforms.flag import FlagOutliers
 from transforms.schema import SCHEMA_VERSION, error_row
-from transforms.score import DEFAULT_BATCH_SIZE, ScoreImages
+from transforms.score import DEFAULT_BATCH_SIZE, ScoreImages, read_checkpoint_info
 from transforms.shards import ReadImageShards
 from transforms.types import METRICS_NAMESPACE
 from transforms.write import PARQUET_SUFFIX, WriteScores
@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="flag ood_score above this (bits/dim) instead of using the calibration",
     )
+    parser.add_argument(
+        "--no-flags",
+        action="store_true",
+        help="write scores only, ignoring the checkpoint's calibration (used to calibrate)",
+    )
     parser.add_argument("--background-model", default=None, help="background checkpoint (LLR)")
     parser.add_argument(
         "--ood-score",
@@ -114,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=sorted(AUTOCAST_DTYPES), default="none")
-    parser.add_argument("--compressor", choices=COMPRESSORS, default=DEFAULT_COMPRESSOR)
+    parser.add_argument(
+        "--compressor",
+        choices=COMPRESSORS,
+        default=None,
+        help=f"compressor of complexity_bits_per_dim (default: the calibration's, else "
+        f"{DEFAULT_COMPRESSOR})",
+    )
     parser.add_argument("--resize", choices=RESIZE_MODES, default=DEFAULT_RESIZE)
     parser.add_argument("--num-shards", type=int, default=0, help="output files; 0: runner")
     parser.add_argument(
@@ -193,7 +204,14 @@ def _calibration_metadata(calibration: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _stages(args: argparse.Namespace, options: PipelineOptions):
-    """Makes the scoring and flagging steps; returns them and the calibration flags use."""
+    """Makes the scoring and flagging steps; returns them and the calibration flags use.
+
+    Sets `args.compressor` when it was left out: the calibration's compressor, so that the
+    scores are comparable with the calibration scores, else the default.
+    """
+    if args.compressor is None:
+        stored = None if args.no_flags else read_checkpoint_info(args.model).calibration
+        args.compressor = (stored or {}).get("compressor") or DEFAULT_COMPRESSOR
     score_images = ScoreImages(
         args.model,
         background_checkpoint=args.background_model,
@@ -203,7 +221,9 @@ def _stages(args: argparse.Namespace, options: PipelineOptions):
         compressor=args.compressor,
         num_threads=worker_torch_threads(args, options),
     )
-    calibration = score_images.info.calibration
+    calibration = None if args.no_flags else score_images.info.calibration
+    if args.no_flags and args.threshold is not None:
+        raise ValueError(f"--no-flags and --threshold {args.threshold} contradict each other")
     if calibration is not None and args.threshold is not None:
         logger.info("--threshold given: the checkpoint's calibration is not used for flags")
         calibration = None
@@ -217,6 +237,7 @@ def _stages(args: argparse.Namespace, options: PipelineOptions):
         threshold=args.threshold,
         ood_score_name=ood_score_name,
         compressor=args.compressor,
+        warn_without_reference=not args.no_flags,
     )
     if flag_outliers.ood_score_name == "likelihood_ratio_score" and not args.background_model:
         raise ValueError("ood score likelihood_ratio_score needs --background-model, got none")

@@ -109,3 +109,28 @@ def test_evaluate_reports_every_score_and_writes_json(
     assert by_score["bits_per_dim"]["num_out"] == 32
     assert 0.0 <= by_score["complexity_score"]["auroc"] <= 1.0
     assert json.loads(report_path.read_text())["metrics"] == report["metrics"]
+
+
+def test_recalibrating_with_another_compressor_replaces_the_old_calibration(
+    checkpoint, fashion_shards, noise_shard, tmp_path
+):
+    pattern = fashion_shards[0].replace("000000", "00000[0-2]")
+    calibrate.run(["--input", pattern, "--model", checkpoint])
+
+    calibration = calibrate.run(["--input", pattern, "--model", checkpoint, "--compressor", "lzma"])
+    summary = score.run(
+        [
+            "--input",
+            noise_shard,
+            "--model",
+            checkpoint,
+            "--output",
+            str(tmp_path / "scores"),
+            "--alpha",
+            "0.1",
+        ]
+    )
+
+    metadata = pq.read_schema(summary.output_files[0]).metadata
+    assert calibration.compressor == "lzma"
+    assert metadata[b"pixeldensity.compressor"] == b"lzma"

@@ -140,6 +140,7 @@ class FlagOutliers(beam.PTransform):
         threshold: float | None = None,
         ood_score_name: str | None = None,
         compressor: str | None = None,
+        warn_without_reference: bool = True,
     ):
         """Creates the transform and checks that the reference fits the scores.
 
@@ -152,6 +153,8 @@ class FlagOutliers(beam.PTransform):
             ood_score_name: Which score `ood_score` holds, see `resolve_ood_score_name`.
             compressor: The compressor the images were scored with; if given, it must match a
                 calibration of `complexity_score`.
+            warn_without_reference: Log a warning when neither a calibration nor a threshold
+                is given; False where unflagged rows are the point (scoring a calibration set).
 
         Raises:
             ValueError: Both `calibration` and `threshold` are given; `alpha` is outside
@@ -175,7 +178,7 @@ class FlagOutliers(beam.PTransform):
 
         if calibration is not None:
             _check_calibration(calibration, alpha, compressor)
-        elif threshold is None:
+        elif threshold is None and warn_without_reference:
             logger.warning(
                 "no calibration and no threshold: is_outlier, is_atypically_simple and the "
                 "p-values will be null; calibrate the checkpoint or pass a threshold"
