@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipelines.options import exit_on_user_error, quiet_beam_logging
 from pipelines.score_tables import column_array, score_to_table, scored_rows
 from pixeldensity.calibration import Calibration, fit_calibration
 from pixeldensity.checkpoint import update_calibration
@@ -98,11 +99,13 @@ def run(argv: Sequence[str] | None = None) -> Calibration:
     return calibration
 
 
+@exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    quiet_beam_logging()
     run(argv)
     return 0
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pipelines.options import exit_on_user_error
+
 # Subcommand -> module whose `main(argv)` runs it.
 SUBCOMMANDS = {
     "make-shards": "pipelines.make_shards",
@@ -24,7 +26,19 @@ SUBCOMMANDS = {
     "demo": "pipelines.demo",
 }
 
-_USAGE = "usage: pixeldensity {" + ",".join(SUBCOMMANDS) + "} [options]  (-h after one for help)"
+_DESCRIPTIONS = {
+    "make-shards": "write WebDataset shards from a folder, IDX files, an .npz or a zip",
+    "train": "train a density model on shards (alone or under torchrun)",
+    "score": "score shards with a checkpoint: one Parquet row per sample (Beam)",
+    "calibrate": "store held-out in-distribution scores in a checkpoint, for the flags",
+    "evaluate": "AUROC, AUPRC and FPR@95%TPR of every score on two sets of shards",
+    "demo": "the main job on the shipped real samples, with a summary",
+}
+
+_USAGE = (
+    "usage: pixeldensity SUBCOMMAND [options]   (SUBCOMMAND -h for its options)\n\n"
+    + "\n".join(f"  {name:12} {_DESCRIPTIONS[name]}" for name in SUBCOMMANDS)
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_USAGE)
         return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
+    name, rest = argv[0].replace("_", "-"), argv[1:]
     if name not in SUBCOMMANDS:
         print(f"pixeldensity: unknown subcommand {name!r}\n{_USAGE}", file=sys.stderr)
         return 2
@@ -50,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"pixeldensity: subcommand {name!r} is not available yet", file=sys.stderr)
         return 2
-    module.main(rest)
-    return 0
+    return exit_on_user_error(module.main)(rest)
 
 
 if __name__ == "__main__":

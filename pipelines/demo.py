@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import make_shards
+from pipelines.options import exit_on_user_error, quiet_beam_logging
 
 logger = logging.getLogger(__name__)
 
@@ -111,17 +112,27 @@ def _png(image) -> bytes:
 def summarize(table, top: int = 10) -> str:
     """Returns the human-readable summary of the demo's Parquet rows (a pyarrow Table)."""
     rows = table.to_pylist()
-    lines = [f"{len(rows)} rows from {len({row['shard'] for row in rows})} shards"]
+    metadata = {
+        key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()
+    }
+    alpha = metadata.get("pixeldensity.alpha") or "-"
+    lines = [
+        f"{len(rows)} rows from {len({row['shard'] for row in rows})} shards; flags at "
+        f"alpha {alpha}: is_outlier = {metadata.get('pixeldensity.ood_score_name')} p-value "
+        "<= alpha, is_atypically_simple = bits/dim lower-tail p-value <= alpha",
+    ]
     header = f"  {'source':14} {'rows':>5} {'ok':>5} {'errors':>6} {'is_outlier':>11} "
-    lines.append(header + f"{'is_atypically_simple':>21}")
+    lines.append(header + f"{'is_atypically_simple':>21} {'either':>12}")
     for source in SOURCES:
         group = [row for row in rows if _source_of(row["shard"]) == source]
         ok = [row for row in group if row["status"] == "ok"]
         outliers = sum(bool(row["is_outlier"]) for row in ok)
         simple = sum(bool(row["is_atypically_simple"]) for row in ok)
+        either = sum(bool(row["is_outlier"] or row["is_atypically_simple"]) for row in ok)
         lines.append(
             f"  {source:14} {len(group):>5} {len(ok):>5} {len(group) - len(ok):>6} "
-            f"{_rate(outliers, len(ok)):>11} {_rate(simple, len(ok)):>21}"
+            f"{_rate(outliers, len(ok)):>11} {_rate(simple, len(ok)):>21} "
+            f"{_rate(either, len(ok)):>12}"
         )
 
     reasons = Counter(row["error_reason"] for row in rows if row["status"] == "error")
@@ -187,6 +198,7 @@ def run(output_dir: Path, model: Path, extra_argv: list[str]) -> str:
     )
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: `python -m pipelines.demo [--output-dir DIR] [--model CKPT]`."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__)
@@ -196,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    quiet_beam_logging()
     print(run(args.output_dir, args.model, extra_argv))
     return 0
 

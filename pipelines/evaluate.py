@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipelines.options import exit_on_user_error, quiet_beam_logging
 from pipelines.score_tables import column_array, score_to_table, scored_rows
 from pixeldensity.metrics import evaluate_scores, format_table
 
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ood", required=True, help="out-of-distribution shard pattern")
     parser.add_argument("--model", required=True, help="checkpoint directory")
     parser.add_argument("--background-model", default=None, help="background checkpoint (LLR)")
+    parser.add_argument(
+        "--alpha", type=float, default=0.01, help="flag level for the reported flag rates"
+    )
     parser.add_argument("--output-json", default=None, help="also write the report as JSON")
     parser.add_argument("--work-dir", default=None, help="where the scores' Parquet files go")
     return parser
@@ -64,7 +68,7 @@ def flag_rates(table: pa.Table) -> dict[str, float | None]:
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Scores both sets and returns the report: metric rows, flag rates and set sizes."""
     args, beam_args = build_parser().parse_known_args(argv)
-    extra = list(beam_args)
+    extra = ["--alpha", str(args.alpha), *beam_args]
     if args.background_model:
         extra += ["--background-model", args.background_model]
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="pixeldensity-evaluate-"))
@@ -80,6 +84,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "in_dist": args.in_dist,
         "ood": args.ood,
         "model": args.model,
+        "alpha": args.alpha,
         "metrics": rows,
         "flag_rates": {"in_dist": flag_rates(in_dist), "ood": flag_rates(ood)},
         "mean_bits_per_dim": {
@@ -87,8 +92,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "ood": float(np.mean(column_array(ood, "bits_per_dim"))),
         },
     }
-    logger.info("evaluation (OOD positive, higher score = more OOD):\n%s", format_table(rows))
-    logger.info("flag rates: %s", report["flag_rates"])
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -98,12 +101,15 @@ def _has_values(table: pa.Table, name: str) -> bool:
     return name in table.column_names and table[name].null_count < table.num_rows
 
 
+@exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; prints the table and returns the process exit status."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    quiet_beam_logging()
     report = run(argv)
+    print("OOD counted as positive; a higher score means more out-of-distribution.")
     print(format_table(report["metrics"]))
     print(json.dumps({"flag_rates": report["flag_rates"]}, indent=2))
     return 0

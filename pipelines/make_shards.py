@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines import sources
+from pipelines.options import exit_on_user_error
 from pixeldensity.decoding import RESIZE_MODES, DecodeError, decode_image
 
 logger = logging.getLogger(__name__)
@@ -181,6 +183,24 @@ def encode_record(
     return _png_bytes(pixels), metadata
 
 
+def raw_sample(record: sources.SourceRecord, key: str) -> dict:
+    """Returns the WebDataset sample of a file stored unchanged: its bytes under its own
+    lower-cased extension, plus the JSON member (index, source path, label)."""
+    if record.data is None:
+        raise ValueError(
+            f"raw shards need encoded image files (folder or zip sources); {record.source} "
+            "is a pixel array"
+        )
+    extension = os.path.splitext(record.source)[1].lower().lstrip(".") or "bin"
+    metadata = {
+        "index": record.index,
+        "source": record.source,
+        "label": record.label,
+        "class_name": record.class_name,
+    }
+    return {"__key__": key, extension: record.data, "json": json.dumps(metadata).encode()}
+
+
 def run(
     source: sources.ImageSource,
     output_prefix: str,
@@ -192,6 +212,7 @@ def run(
     channels: int | None = None,
     size: tuple[int, int] | None = None,
     resize: str = "center_crop",
+    raw: bool = False,
 ) -> ShardSummary:
     """Writes the selected images of `source` as shards `output_prefix-NNNNNN.tar`.
 
@@ -201,6 +222,9 @@ def run(
         samples_per_shard: samples per shard file (the last one may hold fewer).
         start, limit, shuffle_seed: the selection, see `select_indices`.
         channels, size, resize: optional conversion, see `encode_record`.
+        raw: store each file's bytes unchanged, under its own extension, without decoding
+            (folder and zip sources): for shards that are to be scored, so that broken files
+            reach the scorer and get their error row instead of being skipped here.
 
     Returns:
         A `ShardSummary` of what was written.
@@ -229,13 +253,17 @@ def run(
     ) as writer:
         for index in indices:
             record = source.read(int(index))
+            key = f"{record.index:0{key_width}d}"
+            if raw:
+                writer.write(raw_sample(record, key))
+                summary.num_samples += 1
+                continue
             try:
                 png, metadata = encode_record(record, channels=channels, size=size, resize=resize)
             except DecodeError as error:
                 skipped[error.reason] += 1
                 logger.warning("skipping %s: %s", record.source, error)
                 continue
-            key = f"{record.index:0{key_width}d}"
             writer.write({"__key__": key, "png": png, "json": json.dumps(metadata).encode()})
             summary.num_samples += 1
 
@@ -276,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), help="resize to this size"
     )
     parser.add_argument("--resize", default="center_crop", choices=RESIZE_MODES)
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="folder/zip: store files unchanged (no decoding, nothing skipped), for scoring",
+    )
     return parser
 
 
@@ -302,6 +335,7 @@ def main(argv: list[str] | None = None) -> ShardSummary:
         channels=args.channels,
         size=tuple(args.size) if args.size else None,
         resize=args.resize,
+        raw=args.raw,
     )
     logger.info(
         "wrote %d samples in %d shards (%.1f MB) to %s-*.tar; skipped %d %s",
@@ -383,4 +417,4 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_user_error(main)())

@@ -38,6 +38,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 import pixeldensity
+from pipelines.options import exit_on_user_error, quiet_beam_logging, split_beam_options
 from pixeldensity.decoding import DEFAULT_RESIZE, RESIZE_MODES
 from pixeldensity.devices import AUTOCAST_DTYPES
 from pixeldensity.scores import COMPRESSORS, DEFAULT_COMPRESSOR, OOD_SCORE_NAMES
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, PipelineOptions]:
     """Splits `argv` into this pipeline's arguments and Beam's options (runner defaulted)."""
-    args, beam_args = build_parser().parse_known_args(argv)
+    args, beam_args = split_beam_options(build_parser(), argv)
     options = PipelineOptions(beam_args)
     if options.view_as(StandardOptions).runner is None:
         options.view_as(StandardOptions).runner = DEFAULT_RUNNER
@@ -376,15 +377,24 @@ def run(argv: Sequence[str] | None = None, *, pipeline: beam.Pipeline | None = N
     return summary
 
 
+@exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the process exit status."""
+    """Command-line entry point; returns the process exit status.
+
+    Exit status 1 when samples were read but none could be scored (so a scheduler notices a
+    run that produced only error rows), 2 for a user error such as a bad pattern.
+    """
     # force: importing Beam has already given the root logger a WARNING-level handler.
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
-    run(argv)
+    quiet_beam_logging()
+    summary = run(argv)
+    if summary.rows and not summary.scored:
+        logger.error("none of the %d rows was scored; see error_reason in the output", summary.rows)
+        return 1
     return 0
 
 

@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 import pixeldensity
 from pipelines import shard_data
+from pipelines.options import exit_on_user_error
 from pixeldensity import devices, training
 from pixeldensity.decoding import RESIZE_MODES
 
@@ -767,4 +768,4 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_on_user_error(main)())

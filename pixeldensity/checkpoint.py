@@ -151,6 +151,8 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
 def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
     """Reads and validates `config.json` of a checkpoint directory; returns it as a dict."""
     config_path = Path(directory) / CONFIG_FILE
+    if not Path(directory).exists():
+        raise CheckpointError(f"{directory}: checkpoint directory does not exist")
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: checkpoint config is missing")
     try:

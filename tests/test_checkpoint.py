@@ -122,3 +122,8 @@ def test_update_calibration_keeps_the_weights_loadable(saved):
     update_calibration(directory, {"score_name": "complexity_score", "n": 3})
 
     assert pixeldensity.load_checkpoint(directory).calibration["n"] == 3
+
+
+def test_missing_checkpoint_directory_is_named_as_such(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint directory does not exist"):
+        pixeldensity.load_checkpoint(tmp_path / "no_such_checkpoint")

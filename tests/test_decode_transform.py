@@ -30,9 +30,7 @@ def _png(pixels: np.ndarray) -> bytes:
 
 GREY = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
 GOOD = Sample("s.tar", "good", {"png": _png(GREY), "cls": b"3"})
-BROKEN = Sample(
-    "s.tar", "broken", {"jpg": (BADIMAGES / "truncated_jpeg.jpg").read_bytes()}
-)
+BROKEN = Sample("s.tar", "broken", {"jpg": (BADIMAGES / "truncated_jpeg.jpg").read_bytes()})
 NO_IMAGE = Sample("s.tar", "labels", {"cls": b"1"})
 READ_ERROR = ErrorRow("s.tar", "lost", None, "truncated_shard", "shard broke at byte 512")
 

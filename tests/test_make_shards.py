@@ -222,3 +222,31 @@ def test_cli_unknown_and_missing_subcommands(capsys):
     assert cli.main(["frobnicate"]) == 2
     assert "unknown subcommand 'frobnicate'" in capsys.readouterr().err
     assert cli.main([]) == 2
+
+
+def test_raw_shards_keep_files_unchanged_even_when_they_do_not_decode(tmp_path):
+    import tarfile
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "notes.jpg").write_bytes(b"not an image")
+    (folder / "tiny.png").write_bytes(_png_file_bytes())
+
+    source = make_shards.open_source(str(folder))
+    summary = make_shards.run(source, str(tmp_path / "raw"), raw=True)
+
+    with tarfile.open(summary.shards[0]) as tar:
+        members = {member.name: tar.extractfile(member).read() for member in tar}
+    assert summary.num_samples == 2
+    assert members["000000.jpg"] == b"not an image"
+    assert members["000001.png"] == (folder / "tiny.png").read_bytes()
+
+
+def _png_file_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (4, 4), 7).save(buffer, format="PNG")
+    return buffer.getvalue()

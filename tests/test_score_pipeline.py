@@ -405,3 +405,18 @@ def test_write_scores_fixed_shards_all_carry_the_schema(tmp_path):
         schema = pq.read_schema(path)
         assert schema.equals(SCORES_SCHEMA, check_metadata=False)
         assert schema.metadata[b"pixeldensity.model_id"] == b"m"
+
+
+def test_mistyped_option_is_an_error_naming_the_closest_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        score.parse_args(["--input", "a", "--model", "b", "--output", "c", "--alpah", "0.2"])
+
+    assert exit_info.value.code == 2
+    assert "--alpah: did you mean --alpha" in capsys.readouterr().err
+
+
+def test_main_turns_a_user_error_into_exit_status_2(capfd):
+    status = score.main(["--input", "no/such/*.tar", "--model", "no_model", "--output", "x"])
+
+    assert status == 2
+    assert "no_model: checkpoint directory does not exist" in capfd.readouterr().err
