@@ -473,11 +473,11 @@ def _train(trainer: _Trainer) -> TrainResult:
     trainer.save(seconds, test_bits_per_dim)
     if context.is_main:
         logger.info(
-            "done: %d steps in %.1f min | val_bpd %.4f | test_bpd %.4f | checkpoint %s | data %s",
+            "done: %d steps in %.1f min | val_bpd %s | test_bpd %s | checkpoint %s | data %s",
             trainer.step,
             seconds / 60,
-            trainer.val_bits_per_dim,
-            test_bits_per_dim,
+            _bpd_text(trainer.val_bits_per_dim, 4),
+            _bpd_text(test_bits_per_dim, 4),
             trainer.checkpoint_dir,
             trainer.stats.to_dict(),
         )
@@ -507,6 +507,11 @@ class _Interval:
         self.lr = lr
 
 
+def _bpd_text(bits_per_dim: float, digits: int) -> str:
+    """Formats bits/dim for the log line; "n/a" where no shards were given to measure it."""
+    return f"{bits_per_dim:.{digits}f}" if math.isfinite(bits_per_dim) else "n/a"
+
+
 def _report(trainer: _Trainer, interval: _Interval, elapsed: float) -> None:
     """Logs the fixed-format line and appends to metrics.jsonl (rank 0 writes)."""
     context = trainer.context
@@ -516,10 +521,10 @@ def _report(trainer: _Trainer, interval: _Interval, elapsed: float) -> None:
     if not context.is_main:
         return
     logger.info(
-        "step %d | train_bpd %.3f | val_bpd %.3f | lr %.1e | %.0f ms/step",
+        "step %d | train_bpd %.3f | val_bpd %s | lr %.1e | %.0f ms/step",
         trainer.step,
         train_bits_per_dim,
-        trainer.val_bits_per_dim,
+        _bpd_text(trainer.val_bits_per_dim, 3),
         interval.lr,
         ms_per_step,
     )
