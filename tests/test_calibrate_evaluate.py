@@ -41,6 +41,12 @@ def noise_shard(tmp_path) -> str:
     return str(path)
 
 
+def _score_at_alpha_0_1(pattern: str, checkpoint: str, tmp_path) -> score.ScoreSummary:
+    """Scores `pattern` at alpha 0.1: the 48-image calibrations here cannot flag at 0.01."""
+    argv = ["--input", pattern, "--model", checkpoint, "--output", str(tmp_path / "scores")]
+    return score.run([*argv, "--alpha", "0.1"])
+
+
 def test_calibrate_stores_every_held_out_score_in_the_checkpoint(checkpoint, fashion_shards):
     pattern = fashion_shards[0].replace("000000", "00000[0-2]")
 
@@ -60,18 +66,7 @@ def test_scoring_after_calibration_writes_pvalues_and_flags(
         ["--input", fashion_shards[0].replace("000000", "00000[0-2]"), "--model", checkpoint]
     )
 
-    summary = score.run(
-        [
-            "--input",
-            noise_shard,
-            "--model",
-            checkpoint,
-            "--output",
-            str(tmp_path / "scores"),
-            "--alpha",
-            "0.1",
-        ]
-    )
+    summary = _score_at_alpha_0_1(noise_shard, checkpoint, tmp_path)
 
     table = pa.concat_tables(pq.read_table(path) for path in summary.output_files)
     pvalues = np.array(table["ood_pvalue"].to_pylist())
@@ -118,18 +113,7 @@ def test_recalibrating_with_another_compressor_replaces_the_old_calibration(
     calibrate.run(["--input", pattern, "--model", checkpoint])
 
     calibration = calibrate.run(["--input", pattern, "--model", checkpoint, "--compressor", "lzma"])
-    summary = score.run(
-        [
-            "--input",
-            noise_shard,
-            "--model",
-            checkpoint,
-            "--output",
-            str(tmp_path / "scores"),
-            "--alpha",
-            "0.1",
-        ]
-    )
+    summary = _score_at_alpha_0_1(noise_shard, checkpoint, tmp_path)
 
     metadata = pq.read_schema(summary.output_files[0]).metadata
     assert calibration.compressor == "lzma"

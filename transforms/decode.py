@@ -28,6 +28,7 @@ from transforms.types import (
     Decoded,
     ErrorRow,
     Sample,
+    file_facts,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,12 +96,7 @@ def decode_sample(
         key=sample.key,
         member=member,
         image=decoded.image,
-        original_width=decoded.original_width,
-        original_height=decoded.original_height,
-        original_mode=decoded.original_mode,
-        original_format=decoded.original_format,
-        is_animated=decoded.is_animated,
-        num_frames=decoded.num_frames,
+        **file_facts(decoded),
     )
 
 

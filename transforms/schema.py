@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from pixeldensity.decoding import DECODE_ERROR_REASONS
-from transforms.types import READ_ERROR_REASONS, ErrorRow
+from transforms.types import FILE_FACTS, READ_ERROR_REASONS, ErrorRow
 
 __all__ = [
     "COLUMNS",
@@ -139,14 +139,7 @@ SCORE_COLUMNS = (
 FLAG_COLUMNS = ("ood_pvalue", "simplicity_pvalue", "is_outlier", "is_atypically_simple")
 
 # What the image file said about itself; copied from `Decoded` (and from scoring errors).
-_FILE_COLUMNS = (
-    "original_width",
-    "original_height",
-    "original_mode",
-    "original_format",
-    "is_animated",
-    "num_frames",
-)
+_FILE_COLUMNS = FILE_FACTS
 _FLOAT_COLUMNS = frozenset(
     name for name in SCORE_COLUMNS if SCORES_SCHEMA.field(name).type == pa.float64()
 )

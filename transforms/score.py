@@ -50,7 +50,7 @@ from transforms.schema import (
     REASON_SHAPE_MISMATCH,
     REASON_VALUE_OUT_OF_RANGE,
 )
-from transforms.types import METRICS_NAMESPACE, Decoded, ErrorRow
+from transforms.types import METRICS_NAMESPACE, Decoded, ErrorRow, file_facts
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +151,7 @@ class ScoreError(ErrorRow):
             member=decoded.member,
             reason=reason,
             message=message,
-            original_width=decoded.original_width,
-            original_height=decoded.original_height,
-            original_mode=decoded.original_mode,
-            original_format=decoded.original_format,
-            is_animated=decoded.is_animated,
-            num_frames=decoded.num_frames,
+            **file_facts(decoded),
         )
 
 
@@ -473,12 +468,7 @@ class DensityModelHandler(ModelHandler[Decoded, Scored | ScoreError, _LoadedMode
             shard=element.shard,
             key=element.key,
             member=element.member,
-            original_width=element.original_width,
-            original_height=element.original_height,
-            original_mode=element.original_mode,
-            original_format=element.original_format,
-            is_animated=element.is_animated,
-            num_frames=element.num_frames,
+            **file_facts(element),
             bits_per_dim=bits_per_dim,
             complexity_bits_per_dim=complexity_bits_per_dim(image, compressor=self._compressor),
             background_bits_per_dim=background_bits_per_dim,

@@ -7,6 +7,7 @@ dictionaries, whereas dataclasses go through Beam's general pickling coder.
 """
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,23 @@ READ_ERROR_REASONS = (
     REASON_TRUNCATED_SHARD,
     REASON_UNREADABLE_SHARD,
 )
+
+
+# What an image file says about itself. `Decoded`, `Scored` and `ScoreError` each carry these
+# fields (flat, so that Beam elements stay plain), and `file_facts` copies them between types.
+FILE_FACTS = (
+    "original_width",
+    "original_height",
+    "original_mode",
+    "original_format",
+    "is_animated",
+    "num_frames",
+)
+
+
+def file_facts(source: Any) -> dict[str, Any]:
+    """Returns the `FILE_FACTS` attributes of `source` (a `Decoded`, `DecodedImage`, ...)."""
+    return {name: getattr(source, name) for name in FILE_FACTS}
 
 
 @dataclasses.dataclass(frozen=True)
