@@ -56,8 +56,6 @@ def build_demo_shards(shard_dir: Path) -> dict[str, int]:
 
 def junk_images() -> dict[str, tuple[str, bytes]]:
     """Returns the junk samples: key -> ("png", bytes) of blank, constant and noise images."""
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     arrays = {
         "blank_white": np.full((28, 28), 255, np.uint8),
@@ -68,11 +66,7 @@ def junk_images() -> dict[str, tuple[str, bytes]]:
         "uniform_noise_1": rng.integers(0, 256, (28, 28), dtype=np.uint8),
         "uniform_noise_rgb": rng.integers(0, 256, (28, 28, 3), dtype=np.uint8),
     }
-    samples = {}
-    for key, array in arrays.items():
-        buffer = _png(Image.fromarray(array))
-        samples[key] = ("png", buffer)
-    return samples
+    return {key: ("png", make_shards.png_bytes(array)) for key, array in arrays.items()}
 
 
 def bad_image_files() -> dict[str, tuple[str, bytes]]:
@@ -99,14 +93,6 @@ def write_raw_shard(path: Path, samples: dict[str, tuple[str, bytes]]) -> int:
         for key, (extension, data) in samples.items():
             writer.write({"__key__": key, extension: data})
     return len(samples)
-
-
-def _png(image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def summarize(table, top: int = 10) -> str:

@@ -180,7 +180,7 @@ def encode_record(
         "original_mode": original[2],
         "original_format": original_format,
     }
-    return _png_bytes(pixels), metadata
+    return png_bytes(pixels), metadata
 
 
 def raw_sample(record: sources.SourceRecord, key: str) -> dict:
@@ -394,7 +394,7 @@ def _apply_policy(
     """
     native_channels = 1 if pixels.ndim == 2 else 3
     decoded = decode_image(
-        _png_bytes(pixels),
+        png_bytes(pixels),
         channels=channels or native_channels,
         size=tuple(size or pixels.shape[:2]),
         resize=resize,
@@ -407,7 +407,7 @@ def _chw_to_hw(image: np.ndarray) -> np.ndarray:
     return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
 
 
-def _png_bytes(pixels: np.ndarray) -> bytes:
+def png_bytes(pixels: np.ndarray) -> bytes:
     """Encodes (H, W) or (H, W, 3) uint8 pixels as an 8-bit PNG."""
     from PIL import Image
 
