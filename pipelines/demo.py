@@ -146,7 +146,7 @@ def _source_of(shard: str) -> str:
 
 
 def _rate(count: int, total: int) -> str:
-    return f"{count}/{total} ({count / total:.0%})" if total else "-"
+    return f"{count}/{total} ({count / total:.1%})" if total else "-"
 
 
 def run(output_dir: Path, model: Path, extra_argv: list[str]) -> str:

@@ -338,13 +338,13 @@ def main(argv: list[str] | None = None) -> ShardSummary:
         raw=args.raw,
     )
     logger.info(
-        "wrote %d samples in %d shards (%.1f MB) to %s-*.tar; skipped %d %s",
+        "wrote %d samples in %d shards (%.1f MB) to %s-*.tar; skipped %d%s",
         summary.num_samples,
         len(summary.shards),
         summary.num_bytes / 1e6,
         args.output_prefix,
         summary.num_skipped,
-        summary.skipped_reasons or "",
+        f" {summary.skipped_reasons}" if summary.skipped_reasons else "",
     )
     return summary
 

@@ -49,6 +49,7 @@ def split_beam_options(
     flags = [item.split("=", 1)[0] for item in unknown if item.startswith("-")]
     if flags or unknown:
         known = list(parser._option_string_actions) + list(beam_parser._option_string_actions)
+        known = [name for name in known if name not in ("-h", "--help")]
         hints = []
         for flag in flags:
             close = difflib.get_close_matches(flag, known, n=2)
